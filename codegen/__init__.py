@@ -1,0 +1,1 @@
+"""The kernel generator: one emitter module per target, driven by type descriptors."""
