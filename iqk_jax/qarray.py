@@ -12,9 +12,11 @@ from iqk_jax import registry
 class QArray:
     """A quantized matrix ``[rows, n_per_row]`` stored as ik_llama.cpp's packed rows.
 
-    Invariants (checked on construction whenever ``raw`` is concrete or has a shape):
-    ``raw`` is uint8 ``[rows, row_bytes(type, n_per_row)]`` with the row header included,
-    ``shape == (rows, n_per_row)`` and ``n_per_row`` is a multiple of 256. ``type`` and ``shape``
+    Invariants (checked on construction): ``raw`` is uint8 ``[rows, row_bytes(type, n_per_row)]``
+    with the row header included, ``shape == (rows, n_per_row)`` and ``n_per_row`` is a multiple
+    of 256. Stacks of matrices (MoE experts, as GGUF stores 3-D tensors) keep extra leading dims
+    on both: ``raw [..., rows, row_bytes]``, ``shape (..., rows, n_per_row)``; the ops take 2-D
+    QArrays and ``vmap`` over stacks. ``type`` and ``shape``
     are static (pytree aux data), ``raw`` is the only leaf, so a QArray can be passed through
     ``jax.jit``, sharded by rows, and ``vmap``-ed over stacked weights.
 
@@ -36,11 +38,11 @@ class QArray:
             self._validate(desc)
 
     def _validate(self, desc):
-        if len(self.shape) != 2:
+        if len(self.shape) < 2:
             raise ValueError(f"QArray({self.type}): shape must be (rows, n_per_row), got {self.shape}")
-        rows, n = self.shape
-        if rows < 0:
-            raise ValueError(f"QArray({self.type}): negative row count in shape {self.shape}")
+        n = self.shape[-1]
+        if any(s < 0 for s in self.shape):
+            raise ValueError(f"QArray({self.type}): negative dimension in shape {self.shape}")
         rb = desc.row_bytes(n)  # raises for n not a multiple of 256
         raw_shape = getattr(self.raw, "shape", None)
         dtype = getattr(self.raw, "dtype", None)
@@ -48,10 +50,11 @@ class QArray:
             raise TypeError(f"QArray({self.type}): raw must be an array, got {type(self.raw).__name__}")
         if np.dtype(dtype) != np.uint8:
             raise TypeError(f"QArray({self.type}): raw must be uint8, got {dtype}")
-        if tuple(raw_shape) != (rows, rb):
+        expect = (*self.shape[:-1], rb)
+        if tuple(raw_shape) != expect:
             raise ValueError(
                 f"QArray({self.type}): raw has shape {tuple(raw_shape)} but shape {self.shape} "
-                f"needs ({rows}, {rb}) ({rb} bytes per row of {n} weights)")
+                f"needs {expect} ({rb} bytes per row of {n} weights)")
 
     @property
     def descriptor(self):
@@ -64,7 +67,7 @@ class QArray:
     @property
     def bpw(self) -> float:
         """Bits per weight, row headers included."""
-        return 8.0 * self.nbytes / max(1, self.shape[0] * self.shape[1])
+        return 8.0 * self.nbytes / max(1, int(np.prod(self.shape)))
 
     def tree_flatten(self):
         return (self.raw,), (self.type, self.shape)
@@ -84,4 +87,5 @@ class QArray:
     def dequantize_np(self) -> np.ndarray:
         """float32 numpy dequantization through the spec (host, bit-exact)."""
         from iqk_jax import spec
-        return spec.dequantize(np.asarray(self.raw), self.type, self.shape[1])
+        raw = np.asarray(self.raw).reshape(-1, self.raw.shape[-1])
+        return spec.dequantize(raw, self.type, self.shape[-1]).reshape(self.shape)
