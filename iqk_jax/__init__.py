@@ -6,15 +6,19 @@ Public API:
   QArray(raw, type, shape): packed rows as a JAX pytree.
   quantize(x, name, imatrix=None) -> QArray.
   load_gguf(path), save_gguf(path, tensors, metadata).
+  dequantize(q, dtype), matmul(x, q): jit-able ops (grad w.r.t. x, vmap, row-sharded weights),
+    on the best kernel target for the backend (``target=`` or ``$IQK_JAX_TARGET`` to pick).
 """
 
 from iqk_jax import registry, spec
 from iqk_jax.gguf_io import GGUFError, load_gguf, save_gguf
+from iqk_jax.ops import dequantize, matmul
 from iqk_jax.qarray import QArray
 from iqk_jax.quantize import quantize
 from iqk_jax.registry import descriptor, row_bytes, types
 
 __all__ = [
-    "GGUFError", "QArray", "descriptor", "load_gguf", "quantize", "registry", "row_bytes",
+    "GGUFError", "QArray", "dequantize", "descriptor", "load_gguf", "matmul", "quantize",
+    "registry", "row_bytes",
     "save_gguf", "spec", "types",
 ]
