@@ -19,10 +19,15 @@ from absl import app, flags
 from iqk_jax import registry
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("type", None, "IQK type name, e.g. iq4_k (emit)")
-flags.DEFINE_string("target", "xla", "xla | pallas | llvm (emit)")
-flags.DEFINE_string("kernel", "dequant", "dequant | gemv | gemm (emit)")
-flags.DEFINE_string("out", None, "output file (emit); stdout when omitted")
+
+
+def define_flags():
+    """Defines the CLI's flags at run time, so importing this module never collides with another
+    absl tool's flags (iqk-quantize also has --type)."""
+    flags.DEFINE_string("type", None, "IQK type name, e.g. iq4_k (emit)")
+    flags.DEFINE_string("target", "xla", "xla | pallas | llvm (emit)")
+    flags.DEFINE_string("kernel", "dequant", "dequant | gemv | gemm (emit)")
+    flags.DEFINE_string("out", None, "output file (emit); stdout when omitted")
 
 COMMANDS = ("list", "emit")
 
@@ -79,6 +84,7 @@ def main(argv) -> int:
 
 def run():
     """Console entry point."""
+    define_flags()
     app.run(main)
 
 

@@ -15,11 +15,15 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("rows", 256, "Rows of each generated weight matrix.")
-flags.DEFINE_integer("cols", 1024, "Columns (a multiple of 256).")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_list("types", [], "IQK types to run (default: all).")
-flags.DEFINE_string("out_dir", "", "Where to write the GGUF files (default: a temp dir).")
+
+
+def define_flags():
+    """Defines the demo's flags (at run time, so imports never collide with other absl tools)."""
+    flags.DEFINE_integer("rows", 256, "Rows of each generated weight matrix.")
+    flags.DEFINE_integer("cols", 1024, "Columns (a multiple of 256).")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_list("types", [], "IQK types to run (default: all).")
+    flags.DEFINE_string("out_dir", "", "Where to write the GGUF files (default: a temp dir).")
 
 
 def _model(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]:
@@ -84,6 +88,7 @@ def main(argv):
 
 
 def run():
+    define_flags()
     app.run(main)
 
 

@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from typing import Any, Mapping
@@ -27,6 +28,10 @@ from gguf.gguf_reader import ReaderTensor
 
 from iqk_jax import registry
 from iqk_jax.qarray import QArray
+
+# gguf-py's writer logs every file it opens at INFO; under absl (our CLIs) that floods stdout
+# with the temporary file's name. Its warnings still show.
+logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
 
 # Keys gguf-py's reader synthesises from the file header; they are not metadata.
 _PSEUDO_KEYS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")

@@ -23,15 +23,20 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("input", None, "Input model: .gguf or .safetensors.")
-flags.DEFINE_string("output", None, "Output GGUF path.")
-flags.DEFINE_string("type", "iq4_ks", "Default IQK type for 2-D weights.")
-flags.DEFINE_string("imatrix", None, "Importance matrix (llama-imatrix legacy .dat or GGUF).")
-flags.DEFINE_list("custom_q", [], "Per-tensor rules 'regex=type' (first match wins); type may be "
-                  "an IQK type, f32, f16, bf16 or any type gguf-py can quantize (q8_0, ...).")
-flags.DEFINE_string("arch", "llama", "general.architecture for safetensors input.")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
-flags.DEFINE_bool("dry_run", False, "Quantize and report, but write nothing.")
+
+
+def define_flags():
+    """Defines the CLI's flags; called by :func:`run` only, so importing the module (tests, the
+    library) never collides with another tool's absl flags of the same name."""
+    flags.DEFINE_string("input", None, "Input model: .gguf or .safetensors.")
+    flags.DEFINE_string("output", None, "Output GGUF path.")
+    flags.DEFINE_string("type", "iq4_ks", "Default IQK type for 2-D weights.")
+    flags.DEFINE_string("imatrix", None, "Importance matrix (llama-imatrix legacy .dat or GGUF).")
+    flags.DEFINE_list("custom_q", [], "Per-tensor rules 'regex=type' (first match wins); type may "
+                      "be an IQK type, f32, f16, bf16 or any type gguf-py can quantize (q8_0, ...).")
+    flags.DEFINE_string("arch", "llama", "general.architecture for safetensors input.")
+    flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    flags.DEFINE_bool("dry_run", False, "Quantize and report, but write nothing.")
 
 
 class QuantizeError(ValueError):
@@ -103,7 +108,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def read_model(path: str):
+def read_model(path: str, arch: str = "llama"):
     """-> (metadata, {name: float/int ndarray or QArray or GGMLArray})."""
     if not os.path.isfile(path):
         raise QuantizeError(f"--input {path}: no such file")
@@ -113,8 +118,7 @@ def read_model(path: str):
         from iqk_jax import gguf_io
         return gguf_io.load_gguf(path)
     if path.endswith(".safetensors"):
-        return {"general.architecture": FLAGS.arch if FLAGS.is_parsed() else "llama"}, \
-            read_safetensors(path)
+        return {"general.architecture": arch}, read_safetensors(path)
     raise QuantizeError(f"--input {path}: neither GGUF (magic) nor .safetensors")
 
 
@@ -187,7 +191,8 @@ def _bpw(t) -> float:
 
 
 def run_quantize(inp: str, out: str | None, default: str, imatrix_path: str | None,
-                 rules: list[str], progress: bool = True, dry_run: bool = False, stream=None):
+                 rules: list[str], progress: bool = True, dry_run: bool = False, stream=None,
+                 arch: str = "llama"):
     """The CLI's work, callable from Python. Returns the summary rows."""
     stream = stream or sys.stdout
     from iqk_jax import gguf_io, imatrix as imx
@@ -195,7 +200,7 @@ def run_quantize(inp: str, out: str | None, default: str, imatrix_path: str | No
     compiled = parse_rules(rules)
     if out is None and not dry_run:
         raise QuantizeError("--output is required (or --dry_run)")
-    meta, tensors = read_model(inp)
+    meta, tensors = read_model(inp, arch)
     imat = imx.load_imatrix(imatrix_path) if imatrix_path else None
     result, summary = {}, []
     items = list(tensors.items())
@@ -263,7 +268,7 @@ def main(argv):
         raise app.UsageError("--input is required")
     try:
         run_quantize(FLAGS.input, FLAGS.output, FLAGS.type, FLAGS.imatrix, FLAGS.custom_q,
-                     progress=FLAGS.progress, dry_run=FLAGS.dry_run)
+                     progress=FLAGS.progress, dry_run=FLAGS.dry_run, arch=FLAGS.arch)
     except (QuantizeError, ValueError) as e:
         print(f"iqk-quantize: error: {e}", file=sys.stderr)
         return 2
@@ -271,6 +276,7 @@ def main(argv):
 
 
 def run():
+    define_flags()
     app.run(main)
 
 
