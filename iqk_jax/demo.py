@@ -36,6 +36,9 @@ def _model(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]:
 
 def main(argv):
     del argv
+    # absl routes jax's INFO logs (e.g. "no TPU") to the console; the table is the output here.
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
     import iqk_jax
     from iqk_jax import gguf_io, quant
     from iqk_jax.qarray import QArray
