@@ -16,8 +16,12 @@ a module holding:
     and turned into float once per 256-weight super-block, so within a super-block the sum is
     exact. ``gemv`` (one activation row) decodes each super-block in registers and, for grid
     pairs that differ by a constant, looks up grid 0 only and adds ``shift * sel * scale *
-    sum(x over the block)`` per block; ``gemm`` decodes a weight row once into a per-thread
-    scratch buffer and multiplies it with tiles of activation rows.
+    sum(x over the block)`` per block; ``gemm`` decodes ``GEMM_RB`` weight rows at a time
+    (each once per call) into a per-thread scratch buffer and multiplies pairs of them with
+    tiles of activation rows, so each activation load serves two weight rows. On AVX2, grids
+    with |value| <= 64 (iq2/iq3) multiply ``value`` by ``x + 128`` as an unsigned byte (no
+    ``psignb``) and start each super-block's sum at ``-128 * sum(value * scale)``, which the
+    decode computes once per weight row: the integer result is the same.
 * ``iqk_worker(job)``: a pthread entry point running the kernel on one row range.
 * ``iqk_handler(call_frame)``: the XLA FFI handler (``XLA_FFI_Error* (*)(XLA_FFI_CallFrame*)``,
   struct offsets taken from ctypes mirrors of ``xla/ffi/api/c_api.h``). It answers XLA's metadata
@@ -66,9 +70,16 @@ except Exception as e:  # pragma: no cover - exercised only where llvmlite is mi
 # weight rows streams past).
 GEMM_TILE = 4
 GEMM_MB = 128
+# Weight rows decoded together into the scratch buffer (each is decoded once per call, not
+# once per activation tile; GEMM_RB rows of scratch stay in L2 across the tiles).
+GEMM_RB = 8
+# Weight rows per register tile (GEMM_NW x GEMM_TILE int32 accumulators; each activation
+# load is used GEMM_NW times).
+GEMM_NW = 2
 MAX_THREADS = 64
-# The gemm scratch per super-block: 256 int8 values at 0, their 256 absolute values at 256,
-# 8 x 16 int16 expanded block scales at 512, the float factor at 768; padded to 32.
+# The gemm scratch per super-block: 256 int8 values at 0, their 256 absolute values at 256
+# (with ``unsigned_x``: instead 8 int32 lanes of -128 * sum(value * scale)), 8 x 16 int16
+# expanded block scales at 512, the float factor at 768; padded to 32.
 _SCRATCH_SB = 800
 
 
@@ -338,6 +349,15 @@ class _Emitter:
         # weights.
         # Checked on the integer values the matmuls use (iq6_k's grid is rounded there; its
         # rounded pair differs by exactly 1).
+        # gemm with small grids multiplies v by x + 128 (unsigned) instead of |v| by
+        # sign(v) * x: one instruction (psignb) less per 32 products and activation row. Safe
+        # when no pmaddubsw pair sum can saturate: with 0 <= x + 128 <= 255 (|x| <= 127) and
+        # |v| <= vmax, a pair sum is at most 2 * 255 * vmax <= 32767, i.e. vmax <= 64 (iq2/iq3
+        # grids: 31 and 63). Sign-folded values keep their magnitude, so the grid bound holds.
+        # The offset is removed exactly in integers (see emit_gemm). Trellis values are not
+        # table values and may reach 126, so they keep the sign trick.
+        self.vmax = int(np.abs(np.round(grid)).max())
+        self.unsigned_x = bool(h.avx2 and not self.trellis and 2 * 255 * self.vmax <= 32767)
         self.shift = None
         if not self.trellis and desc.n_selectors == 2:
             diff = np.unique(np.round(grid[1]) - np.round(grid[0]))
@@ -857,6 +877,18 @@ class _Emitter:
         return b.add(b.shuffle_vector(p16, p16, _cvec(I32, range(0, 16, 2))),
                      b.shuffle_vector(p16, p16, _cvec(I32, range(1, 16, 2))))
 
+    def _udot_chunk(self, f: _Fn, u, v, s16):
+        """<8 x i32>: ``pmaddwd(pmaddubsw(u, v), s16)``, u read as unsigned bytes (AVX2 only).
+
+        Callers guarantee that no pair sum ``u[2j] * v[2j] + u[2j+1] * v[2j+1]`` leaves int16
+        (``pmaddubsw`` would saturate); see :attr:`unsigned_x`.
+        """
+        b = f.b
+        v32, v16, v8 = _vec(self.I8, 32), _vec(self.I16, 16), _vec(self.I32, 8)
+        maddubs = self.decl("llvm.x86.avx2.pmadd.ub.sw", v16, [v32, v32])
+        madd = self.decl("llvm.x86.avx2.pmadd.wd", v8, [v16, v16])
+        return b.call(madd, [b.call(maddubs, [u, v]), s16])
+
     def _abs8(self, f: _Fn, v):
         absf = self.decl("llvm.abs.v32i8", _vec(self.I8, 32), [_vec(self.I8, 32), self.I1])
         return f.b.call(absf, [v, ir.Constant(self.I1, 0)])
@@ -936,7 +968,14 @@ class _Emitter:
         return f.fn
 
     def emit_gemm(self):
-        """The scratch-buffer matmul kernel (decodes a weight row once per row tile)."""
+        """The scratch-buffer matmul kernel.
+
+        Loop order: blocks of GEMM_RB weight rows (decoded once into scratch), then tiles of
+        GEMM_MB activation rows (kept in cache across the block), then GEMM_NW weight rows x
+        GEMM_TILE activation rows per register tile. Per super-block the int32 sums are exact
+        (see ``unsigned_x`` and ``_dot_chunk`` for the 16-bit bounds), so results do not depend
+        on the tiling or the thread split.
+        """
         d = self.desc
         f = _Fn(self, "iqk_kernel", self.I32, self.kernel_args(), internal=False)
         b = f.b
@@ -948,13 +987,15 @@ class _Emitter:
         rb = b.add(b.mul(nsb, ir.Constant(I64, d.block_bytes)), ir.Constant(I64, hb))
         malloc = self.decl("malloc", self.P8, [I64])
         free = self.decl("free", ir.VoidType(), [self.P8])
-        scratch = b.call(malloc, [b.mul(nsb, ir.Constant(I64, _SCRATCH_SB))])
+        row_sb = b.mul(nsb, ir.Constant(I64, _SCRATCH_SB))  # scratch bytes per weight row
+        scratch = b.call(malloc, [b.mul(row_sb, ir.Constant(I64, GEMM_RB))])
         ok = b.icmp_unsigned("!=", scratch, ir.Constant(self.P8, None))
         v32t, v16t = _vec(I8, 32), _vec(I16, 16)
-        faccs = [f.var(_vec(F32, 8)) for _ in range(GEMM_TILE)]
+        faccs = [f.var(_vec(F32, 8)) for _ in range(GEMM_TILE * GEMM_NW)]
         ibv = f.var(I64)
+        ux = self.unsigned_x
 
-        def decode_row(row):
+        def decode_row(row, scratch):
             def sb_body(s):
                 sb = b.gep(row, [b.add(ir.Constant(I64, hb),
                                        b.mul(s, ir.Constant(I64, d.block_bytes)))])
@@ -964,71 +1005,118 @@ class _Emitter:
                 chunks = self.values_i8(f, sb, fold_sign=True)
                 scales = self.block_scales(f, sb)
                 sc16 = self._scale_pairs(f, b.trunc(scales, _vec(I16, d.n_blocks)))
+                corr = None
                 for k, v in enumerate(chunks):
-                    for off, val in ((0, v), (256, self._abs8(f, v))):
+                    s16 = self._scale_lanes(f, sc16, k)
+                    vals = ((0, v),) if ux else ((0, v), (256, self._abs8(f, v)))
+                    for off, val in vals:
                         b.store(val, b.bitcast(b.gep(dst, [ir.Constant(I64, off + 32 * k)]),
                                                v32t.as_pointer()), align=1)
-                    b.store(self._scale_lanes(f, sc16, k),
-                            b.bitcast(b.gep(dst, [ir.Constant(I64, 512 + 32 * k)]),
-                                      v16t.as_pointer()), align=1)
+                    b.store(s16, b.bitcast(b.gep(dst, [ir.Constant(I64, 512 + 32 * k)]),
+                                           v16t.as_pointer()), align=1)
+                    if ux:
+                        # 128 * sum(v * scale) over the chunk (pair sums 128 * 2 * 64 fit int16).
+                        c = self._udot_chunk(f, _cvec(I8, [-128] * 32), v, s16)
+                        corr = c if corr is None else b.add(corr, c)
+                if ux:
+                    b.store(b.neg(corr), b.bitcast(b.gep(dst, [ir.Constant(I64, 256)]),
+                                                   _vec(self.I32, 8).as_pointer()), align=1)
                 dsb = self.load_d(f, sb, 2) if d.super_d else ir.Constant(F32, 1.0)
                 b.store(dsb, b.bitcast(b.gep(dst, [ir.Constant(I64, 768)]), F32.as_pointer()))
             f.loop(ir.Constant(I64, 0), nsb, sb_body)
 
-        def dot_rows(r, i0, tile, dr):
+        def dot_rows(rs, i0, tile, drs, srs):
+            """out[i0 + t, rs[j]] for t < tile: len(rs) weight rows share each x load."""
+            nw = len(rs)
             xrows = [b.gep(xq, [b.mul(b.add(i0, ir.Constant(I64, t)), n)]) for t in range(tile)]
             xdrows = [b.gep(xd, [b.mul(b.add(i0, ir.Constant(I64, t)), nsb)]) for t in range(tile)]
-            for t in range(tile):
-                b.store(ir.Constant(_vec(F32, 8), None), faccs[t])
+            fa = [[faccs[j * GEMM_TILE + t] for t in range(tile)] for j in range(nw)]
+            for j in range(nw):
+                for t in range(tile):
+                    b.store(ir.Constant(_vec(F32, 8), None), fa[j][t])
+
+            def ld(p, off, ty):
+                return b.load(b.bitcast(b.gep(p, [ir.Constant(I64, off)]), ty.as_pointer()),
+                              align=1)
 
             def sb_body(s):
-                src = b.gep(scratch, [b.mul(s, ir.Constant(I64, _SCRATCH_SB))])
+                srcs = [b.gep(sr, [b.mul(s, ir.Constant(I64, _SCRATCH_SB))]) for sr in srs]
                 xoff = b.mul(s, ir.Constant(I64, QK_K))
-                accs = [None] * tile
+                accs = [[None] * tile for _ in range(nw)]
+                if ux:
+                    # Start from -128 * sum(v * scale): the sum over (x + 128) * v * scale
+                    # below then ends exactly at sum(x * v * scale).
+                    for j in range(nw):
+                        accs[j] = [ld(srcs[j], 256, _vec(self.I32, 8))] * tile
                 for k in range(8):
-                    v = b.load(b.bitcast(b.gep(src, [ir.Constant(I64, 32 * k)]), v32t.as_pointer()),
-                               align=1)
-                    av = b.load(b.bitcast(b.gep(src, [ir.Constant(I64, 256 + 32 * k)]),
-                                          v32t.as_pointer()), align=1)
-                    s16 = b.load(b.bitcast(b.gep(src, [ir.Constant(I64, 512 + 32 * k)]),
-                                           v16t.as_pointer()), align=1)
+                    vs = [ld(src, 32 * k, v32t) for src in srcs]
+                    avs = [None if ux else ld(src, 256 + 32 * k, v32t) for src in srcs]
+                    s16s = [ld(src, 512 + 32 * k, v16t) for src in srcs]
                     for t in range(tile):
                         xp = b.gep(xrows[t], [b.add(xoff, ir.Constant(I64, 32 * k))])
                         xv = b.load(b.bitcast(xp, v32t.as_pointer()), align=1)
-                        p = self._dot_chunk(f, v, av, xv, s16)
-                        accs[t] = p if accs[t] is None else b.add(accs[t], p)
-                dsb = b.load(b.bitcast(b.gep(src, [ir.Constant(I64, 768)]), F32.as_pointer()))
-                for t in range(tile):
-                    fac = b.fmul(dsb, b.load(b.gep(xdrows[t], [s])))
-                    part = b.fmul(b.sitofp(accs[t], _vec(F32, 8)), self.splat(f, fac, 8))
-                    b.store(b.fadd(b.load(faccs[t]), part), faccs[t])
+                        if ux:
+                            # x + 128 as an unsigned byte: flipping the top bit.
+                            xu = b.xor(xv, _cvec(I8, [-128] * 32))
+                        for j in range(nw):
+                            if ux:
+                                p = self._udot_chunk(f, xu, vs[j], s16s[j])
+                            else:
+                                p = self._dot_chunk(f, vs[j], avs[j], xv, s16s[j])
+                            accs[j][t] = p if accs[j][t] is None else b.add(accs[j][t], p)
+                for j in range(nw):
+                    dsb = ld(srcs[j], 768, F32)
+                    for t in range(tile):
+                        fac = b.fmul(dsb, b.load(b.gep(xdrows[t], [s])))
+                        part = b.fmul(b.sitofp(accs[j][t], _vec(F32, 8)), self.splat(f, fac, 8))
+                        b.store(b.fadd(b.load(fa[j][t]), part), fa[j][t])
 
             f.loop(ir.Constant(I64, 0), nsb, sb_body)
-            for t in range(tile):
-                tot = self.hsum(f, b.load(faccs[t]))
-                if dr is not None:
-                    tot = b.fmul(tot, dr)
-                b.store(tot, b.gep(out, [b.add(b.mul(b.add(i0, ir.Constant(I64, t)), rows), r)]))
+            for j in range(nw):
+                for t in range(tile):
+                    tot = self.hsum(f, b.load(fa[j][t]))
+                    if drs[j] is not None:
+                        tot = b.fmul(tot, drs[j])
+                    b.store(tot, b.gep(out, [b.add(b.mul(b.add(i0, ir.Constant(I64, t)), rows),
+                                                   rs[j])]))
 
-        def tile_body(ib):
-            iend = b.add(ib, ir.Constant(I64, GEMM_MB))
-            iend = b.select(b.icmp_signed("<", iend, m), iend, m)
+        def block_body(rb0):
+            # GEMM_RB weight rows are decoded once, then meet every activation-row tile.
+            rend = b.add(rb0, ir.Constant(I64, GEMM_RB))
+            rend = b.select(b.icmp_signed("<", rend, r1), rend, r1)
 
-            def row_body(r):
-                row = b.gep(raw, [b.mul(r, rb)])
-                decode_row(row)
-                dr = self.load_d(f, row, hb) if hb else None
-                b.store(ib, ibv)
-                # Full register tiles first, then single leftover rows.
-                full = b.sub(iend, ib)
-                full = b.sub(full, b.srem(full, ir.Constant(I64, GEMM_TILE)))
-                f.loop(ib, b.add(ib, full), lambda i: dot_rows(r, i, GEMM_TILE, dr), step=GEMM_TILE)
-                f.loop(b.add(ib, full), iend, lambda i: dot_rows(r, i, 1, dr))
+            def slot(r):
+                return b.gep(scratch, [b.mul(b.sub(r, rb0), row_sb)])
 
-            f.loop(r0, r1, row_body)
+            f.loop(rb0, rend, lambda r: decode_row(b.gep(raw, [b.mul(r, rb)]), slot(r)))
+
+            def tile_body(ib):
+                iend = b.add(ib, ir.Constant(I64, GEMM_MB))
+                iend = b.select(b.icmp_signed("<", iend, m), iend, m)
+
+                def rows_body(r, nw):
+                    rs = [b.add(r, ir.Constant(I64, j)) for j in range(nw)]
+                    drs = [self.load_d(f, b.gep(raw, [b.mul(q, rb)]), hb) if hb else None
+                           for q in rs]
+                    srs = [slot(q) for q in rs]
+                    b.store(ib, ibv)
+                    # Full register tiles first, then single leftover rows.
+                    full = b.sub(iend, ib)
+                    full = b.sub(full, b.srem(full, ir.Constant(I64, GEMM_TILE)))
+                    f.loop(ib, b.add(ib, full), lambda i: dot_rows(rs, i, GEMM_TILE, drs, srs),
+                           step=GEMM_TILE)
+                    f.loop(b.add(ib, full), iend, lambda i: dot_rows(rs, i, 1, drs, srs))
+
+                # Weight rows in groups of GEMM_NW (each x load serves all), then leftovers.
+                cnt = b.sub(rend, rb0)
+                fullr = b.add(rb0, b.sub(cnt, b.srem(cnt, ir.Constant(I64, GEMM_NW))))
+                f.loop(rb0, fullr, lambda r: rows_body(r, GEMM_NW), step=GEMM_NW)
+                f.loop(fullr, rend, lambda r: rows_body(r, 1))
+
+            f.loop(ir.Constant(I64, 0), m, tile_body, step=GEMM_MB)
 
         def run():
-            f.loop(ir.Constant(I64, 0), m, tile_body, step=GEMM_MB)
+            f.loop(r0, r1, block_body, step=GEMM_RB)
             b.call(free, [scratch])
 
         f.if_then(ok, run)

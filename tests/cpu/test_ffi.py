@@ -133,6 +133,49 @@ def test_matmul_within_bound(name):
         assert np.all(np.abs(y - emu) <= tol), f"{name} m={m}: {np.abs(y - emu).max()}"
 
 
+def _extreme_rows(desc, rows, n):
+    """Packed rows whose every weight is as large as the type allows (d = 1).
+
+    Each group takes the grid entry (selector, index) with the largest sum of |rounded value|
+    and each block the packed scale with the largest |scale_lut| entry: the inputs that bring
+    the int8 kernels' 16-bit pair sums closest to saturation.
+    """
+    g = np.abs(np.round(desc.grid_values)).sum(-1)               # [n_selectors, 2**bits]
+    sel, q = np.unravel_index(int(np.argmax(g)), g.shape)
+    lead = (rows, n // QK_K)
+    fields = {"q": np.full(lead + (desc.n_groups,), q, np.int32),
+              "scale": np.full(lead + (desc.n_blocks,),
+                               int(np.argmax(np.abs(desc.scale_lut))), np.int32)}
+    if desc.pieces_of("sel"):
+        fields["sel"] = np.full(lead + (desc.n_blocks,), sel, np.int32)
+    blocks = spec.pack(fields, desc, lead)
+    if desc.super_d:
+        blocks[..., :2] = np.full((1,), 1.0, np.float16).view(np.uint8)
+    row_d = np.ones(rows, np.float32) if desc.row_header_bytes else None
+    return spec.assemble_rows(row_d, blocks, desc)
+
+
+# Table grids only: trellis values are not chosen per group, and their kernels never use the
+# unsigned-activation form whose bound this probes hardest.
+@pytest.mark.parametrize("name", [t for t in TYPES if iqk_jax.descriptor(t).trellis is None])
+def test_gemm_extreme_inputs_do_not_saturate(name):
+    desc = iqk_jax.descriptor(name)
+    rows, n = 3, 2 * QK_K  # odd: a weight-row pair plus a single row
+    q = _extreme_rows(desc, rows, n)
+    w = spec.dequantize(q, desc, n)
+    assert np.abs(np.round(w)).max() > 0
+    f = jax.jit(lambda x, raw: runtime.matmul(x, raw, name, (rows, n)))
+    m = llvm_target.GEMM_TILE + 1  # gemm: a register tile and a leftover row
+    # |x| = 1 quantizes to +-127 exactly: all +127 (the largest x + 128) and the signs of the
+    # weights (every product positive and maximal).
+    sgn = np.where(w[0] < 0, -1.0, 1.0).astype(np.float32)
+    for x in (np.ones((m, n), np.float32), np.tile(sgn, (m, 1)), -np.ones((m, n), np.float32)):
+        y = np.asarray(f(jnp.asarray(x), jnp.asarray(q)))
+        emu, _ = _emulate(x, q, name, n)
+        tol = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T) + 1e-6
+        assert np.all(np.abs(y - emu) <= tol), (name, np.abs(y - emu).max())
+
+
 @needs_conformance
 def test_matmul_bf16_input_and_determinism():
     q, n = _rows("iq4_ks", "gaussian.plain")
