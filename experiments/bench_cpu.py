@@ -21,18 +21,8 @@ import numpy as np
 
 
 def _random_rows(desc, rows, n, rng):
-    from iqk_jax.registry import QK_K
-    rb = desc.row_bytes(n)
-    raw = rng.integers(0, 256, size=(rows, rb), dtype=np.uint8)
-    hb = desc.row_header_bytes
-    if hb:
-        d = np.full((rows, 1), 0.01, dtype=desc.header_dtype)
-        raw[:, :hb] = d.view(np.uint8)
-    if desc.super_d:
-        body = raw[:, hb:].reshape(rows, n // QK_K, desc.block_bytes)
-        body[..., :2] = np.full((1,), 0.01, np.float16).view(np.uint8)
-    return raw
-
+    from iqk_jax import testing
+    return testing.random_rows(desc, rows, n, seed=int(rng.integers(1 << 31)), scale=0.01)
 
 def _time(fn, reps):
     """(median wall seconds, median process CPU seconds) of ``reps`` calls after warm-up.

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from iqk_jax import ops, registry
+from iqk_jax import ops, registry, testing
 from iqk_jax.qarray import QArray
 from iqk_codegen import targets
 
@@ -59,19 +59,7 @@ def copy_bandwidth(iters: int) -> float:
 
 def random_q(name: str, rows: int, n: int, seed: int = 0) -> QArray:
     """Random packed rows with finite scales: timing does not depend on the values."""
-    desc = registry.descriptor(name)
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (rows, desc.row_bytes(n)), dtype=np.uint8)
-    hb = desc.row_header_bytes
-    if desc.super_d:
-        blocks = raw.reshape(rows, n // 256, desc.block_bytes)
-        d = rng.uniform(-0.01, 0.01, (rows, n // 256)).astype(np.float16)
-        blocks[..., :2] = d.view(np.uint8).reshape(rows, n // 256, 2)
-    else:
-        raw[:, :hb] = (rng.uniform(-0.01, 0.01, rows).astype(desc.header_dtype)
-                       .view(np.uint8).reshape(rows, hb))
-    return QArray(jax.device_put(raw), name, (rows, n))
-
+    return testing.random_qarray(name, rows, n, seed, scale=0.01)
 
 def main(argv):
     del argv

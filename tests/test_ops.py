@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from iqk_jax import testing
 from iqk_jax import ops, registry, spec
 from iqk_jax.qarray import QArray
 from iqk_codegen import targets
@@ -35,20 +36,7 @@ def cases(types=TYPES):
 
 
 def random_q(name, rows, n, seed=0):
-    """A QArray of random packed rows with finite, moderate scales."""
-    desc = registry.descriptor(name)
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (rows, desc.row_bytes(n)), dtype=np.uint8)
-    hb = desc.row_header_bytes
-    if desc.super_d:
-        blocks = raw.reshape(rows, n // 256, desc.block_bytes)
-        d = rng.uniform(-0.1, 0.1, (rows, n // 256)).astype(np.float16)
-        blocks[..., :2] = d.view(np.uint8).reshape(rows, n // 256, 2)
-    else:
-        d = rng.uniform(-0.1, 0.1, rows).astype(desc.header_dtype)
-        raw[:, :hb] = d.view(np.uint8).reshape(rows, hb)
-    return QArray(jnp.asarray(raw), name, (rows, n))
-
+    return testing.random_qarray(name, rows, n, seed)
 
 def check_close(out, x, w, target):
     x64 = np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)

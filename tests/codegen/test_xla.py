@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from iqk_jax import testing
 from iqk_jax import registry, spec
 from iqk_codegen import xla
 from conftest import needs_conformance, vectors
@@ -18,19 +19,7 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-5}
 
 
 def random_rows(desc, rows, n, seed=0):
-    """Random packed rows with finite, moderate scales (random fp16 bytes can be inf/nan)."""
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (rows, desc.row_bytes(n)), dtype=np.uint8)
-    hb = desc.row_header_bytes
-    if desc.super_d:
-        blocks = raw.reshape(rows, n // 256, desc.block_bytes)
-        d = rng.uniform(-0.1, 0.1, (rows, n // 256)).astype(np.float16)
-        blocks[..., :2] = d.view(np.uint8).reshape(rows, n // 256, 2)
-    else:
-        d = rng.uniform(-0.1, 0.1, rows).astype(desc.header_dtype)
-        raw[:, :hb] = d.view(np.uint8).reshape(rows, hb)
-    return raw
-
+    return testing.random_rows(desc, rows, n, seed)
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _deq(raw, name, shape):
