@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from iqk_jax import quant, spec
+from iqk_jax.testing import weighted_rmse
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFORMANCE = REPO.parent / "shared" / "conformance"
@@ -41,12 +42,6 @@ IK_SINGLE_THREAD = {
     "iq2_k": 2.1, "iq3_k": 4.4, "iq4_k": 2.7, "iq5_k": 2.9, "iq6_k": 2.0, "iq4_ks": 3.5,
     "iq2_ks": 0.8, "iq5_ks": 3.2, "iq3_ks": 3.8, "iq4_kss": 1.1, "iq2_kl": 3.2,
 }
-
-
-def weighted_rmse(x, y, w):
-    """The manifest's formula: sqrt(sum_{rows,cols} w[col] (x - y)^2 / (rows * sum w))."""
-    e = np.square(x.astype(np.float64) - y.astype(np.float64))
-    return float(np.sqrt((e * w).sum() / (w.sum() * x.shape[0])))
 
 
 def speed(name, rows, n, repeats, imatrix):

@@ -34,3 +34,15 @@ def random_qarray(name, rows: int, n: int, seed: int = 0, scale: float = 0.1) ->
     import jax.numpy as jnp
     return QArray(jnp.asarray(random_rows(name, rows, n, seed, scale)),
                   registry.descriptor(name).name, (rows, n))
+
+
+def weighted_rmse(x, y, w) -> float:
+    """ik_llama.cpp's quality metric (as in the conformance manifest).
+
+    ``sqrt(sum_{rows, cols} w[col] * (x - y)**2 / (rows * sum(w)))`` in float64; with ``w`` all
+    ones it is the plain RMSE.
+    """
+    x = np.asarray(x, np.float64)
+    e = np.square(x - np.asarray(y, np.float64))
+    w = np.asarray(w, np.float64)
+    return float(np.sqrt((e * w).sum() / (w.sum() * x.shape[0])))

@@ -18,6 +18,7 @@ from iqk_jax import registry, spec
 from iqk_jax.quant import common, kquants, search_for
 from iqk_jax.quantize import quantize
 
+from iqk_jax.testing import weighted_rmse
 from conftest import SETS, VARIANTS, needs_conformance, vectors
 
 TYPES = [t for t in registry.types() if t in kquants.SEARCHES]
@@ -25,11 +26,6 @@ N = 1024
 MEDIAN_MAX = 1.00
 CASE_MAX = 1.03
 
-
-def weighted_rmse(x, y, w):
-    """The manifest's formula: sqrt(sum_{rows,cols} w[col] (x - y)^2 / (rows * sum w))."""
-    e = np.square(x.astype(np.float64) - y.astype(np.float64))
-    return float(np.sqrt((e * w).sum() / (w.sum() * x.shape[0])))
 
 
 def roundtrip(name, x, imatrix=None, refine=True):
