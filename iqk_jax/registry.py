@@ -293,32 +293,30 @@ def trellis_values(seeds: np.ndarray, group_size: int, multiplier: int) -> np.nd
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _grid_values_cached(name: str) -> np.ndarray:
-    d = descriptor(name)
+def _compute_grid_values(d: TypeDescriptor) -> np.ndarray:
     if d.grids is not None:
-        g = np.asarray(d.grids, dtype=np.float32)
-        return g.reshape(len(d.grids), 1 << d.bits, d.group_size)
-    t = d.trellis
-    idx = np.arange(1 << d.bits, dtype=np.uint64)
-    vals = [trellis_values(idx + off, d.group_size, t.multiplier) for off in t.offsets]
-    v = np.stack(vals).astype(np.float32)
-    if t.abs_values:
-        v = np.abs(v)
+        v = np.asarray(d.grids, dtype=np.float32).reshape(len(d.grids), 1 << d.bits, d.group_size)
+    else:
+        idx = np.arange(1 << d.bits, dtype=np.uint64)
+        v = np.stack([trellis_values(idx + off, d.group_size, d.trellis.multiplier)
+                      for off in d.trellis.offsets]).astype(np.float32)
+        if d.trellis.abs_values:
+            v = np.abs(v)
     v.setflags(write=False)
     return v
 
 
+@functools.lru_cache(maxsize=None)
+def _grid_values_cached(name: str) -> np.ndarray:
+    return _compute_grid_values(_REGISTRY[name])
+
+
 def _grid_values(d: TypeDescriptor) -> np.ndarray:
+    # Registered descriptors are immutable and shared: cache their (up to 4 MB trellis) tables.
+    # Descriptors made outside the registry (tests build variants) are computed each time.
     if _REGISTRY.get(d.name) is d:
         return _grid_values_cached(d.name)
-    # A descriptor outside the registry (tests build some): compute without caching.
-    if d.grids is not None:
-        return np.asarray(d.grids, dtype=np.float32).reshape(len(d.grids), 1 << d.bits, d.group_size)
-    idx = np.arange(1 << d.bits, dtype=np.uint64)
-    v = np.stack([trellis_values(idx + o, d.group_size, d.trellis.multiplier)
-                  for o in d.trellis.offsets]).astype(np.float32)
-    return np.abs(v) if d.trellis.abs_values else v
+    return _compute_grid_values(d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,15 +324,6 @@ def _grid_values(d: TypeDescriptor) -> np.ndarray:
 # bits of every element. ``w`` is a weight index, ``g`` a group index, ``b`` a block index, all
 # within one super-block.
 # ---------------------------------------------------------------------------------------------
-
-def _u16_bits(field, n, word_byte, bit, nbits, dst=0):
-    """Pieces for ``nbits`` bits at ``bit`` of a little-endian 16-bit word, split at bytes."""
-    ps = []
-    for k in range(nbits):
-        ps.append(piece(field, n, lambda e: word_byte(e) + (bit(e) + k) // 8,
-                        lambda e: (bit(e) + k) % 8, 1, dst + k))
-    return ps
-
 
 def _iq2_k():
     # d f16 | extra u16 | scales[8] (4-bit, two per byte) | qs[64] (2-bit, four per byte)
