@@ -34,6 +34,8 @@ def define_flags():
     flags.DEFINE_string("imatrix", None, "Importance matrix (llama-imatrix legacy .dat or GGUF).")
     flags.DEFINE_list("custom_q", [], "Per-tensor rules 'regex=type' (first match wins); type may "
                       "be an IQK type, f32, f16, bf16 or any type gguf-py can quantize (q8_0, ...).")
+    # llama-quantize users type --custom-q; absl names use underscores, so accept both.
+    flags.DEFINE_alias("custom-q", "custom_q")
     flags.DEFINE_string("arch", "llama", "general.architecture for safetensors input.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
     flags.DEFINE_bool("dry_run", False, "Quantize and report, but write nothing.")

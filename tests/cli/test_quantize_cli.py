@@ -130,10 +130,15 @@ def test_bad_inputs_name_the_problem(tmp_path):
 def test_command_line_entry_point(tmp_path):
     out = tmp_path / "o.gguf"
     r = subprocess.run([sys.executable, "-m", "iqk_jax.cli.quantize", f"--input={TINY}",
-                        f"--output={out}", "--type=f16", "--noprogress"],
+                        f"--output={out}", "--type=f16", "--noprogress",
+                        "--custom-q=attn_q=f32,ffn_.*=q8_0"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "total:" in r.stdout and out.is_file()
+    _, t = gguf_io.load_gguf(out)
+    assert np.asarray(t["blk.0.attn_q.weight"]).dtype == np.float32
+    assert isinstance(t["blk.0.ffn_up.weight"], gguf_io.GGMLArray)
+    assert np.asarray(t["blk.0.attn_k.weight"]).dtype == np.float16
     r = subprocess.run([sys.executable, "-m", "iqk_jax.cli.quantize", f"--input={TINY}",
                         f"--output={out}", "--type=nope", "--noprogress"],
                        capture_output=True, text=True, timeout=300)
