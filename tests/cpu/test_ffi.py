@@ -191,14 +191,17 @@ def test_matmul_bf16_input_and_determinism():
 @pytest.mark.parametrize("m", [1, 9])
 def test_thread_count_does_not_change_results(m):
     q, n = _rows("iq3_k", "real.plain")
-    # Enough rows that the handler really splits them (small calls stay on one thread).
+    # Enough rows that the handler really splits them (small calls stay on one thread), into
+    # several chunks per thread, the last one ragged (not a multiple of the decode block).
     q = np.tile(q, (4, 1))
+    q = q[:q.shape[0] - 3]
     assert q.shape[0] * n >= 1 << 16
+    assert q.shape[0] % llvm_target.GEMM_RB and q.shape[0] > 2 * 5 * llvm_target.GEMM_RB
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
     outs = []
     try:
-        for t in (1, 2, 3):
+        for t in (1, 2, 5):
             runtime.set_threads(t)
             outs.append(np.asarray(runtime.matmul(x, jnp.asarray(q), "iq3_k", (q.shape[0], n))))
             outs.append(np.asarray(runtime.dequantize(jnp.asarray(q), "iq3_k", (q.shape[0], n))))
@@ -206,6 +209,11 @@ def test_thread_count_does_not_change_results(m):
         runtime.set_threads(None)
     for a, b in zip(outs[2:], outs[:-2]):
         np.testing.assert_array_equal(a, b)
+    # Every row was computed (by whichever worker claimed it) and is right.
+    emu, _ = _emulate(np.asarray(x), q, "iq3_k", n)
+    w = spec.dequantize(q, "iq3_k", n).astype(np.float64)
+    tol = 1e-5 * (np.abs(np.asarray(x)) @ np.abs(w).T) + 1e-6
+    assert np.all(np.abs(outs[-2] - emu) <= tol)
 
 
 def test_trace_time_validation():
