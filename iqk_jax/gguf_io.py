@@ -84,23 +84,23 @@ class _IQKReader(GGUFReader):
             _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
             name = str(bytes(name_data), encoding="utf-8")
             order.append(name)
-            (iqk if registry.is_iqk_type_id(int(raw_dtype[0])) else other).append(field)
-            if not registry.is_iqk_type_id(int(raw_dtype[0])):
-                try:
-                    gguf.GGMLQuantizationType(int(raw_dtype[0]))
-                except ValueError:
-                    raise GGUFError(f"tensor {name!r}: unknown ggml type id {int(raw_dtype[0])} "
-                                    f"(neither a ggml type nor an IQK type)") from None
-        for field in other:
-            _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
-            name = str(bytes(name_data), encoding="utf-8")
-            t = gguf.GGMLQuantizationType(int(raw_dtype[0]))
+            tid = int(raw_dtype[0])
+            if registry.is_iqk_type_id(tid):
+                iqk.append(field)
+                continue
+            # Checked here so gguf-py never sees an unknown id or reads past the end of the file.
+            try:
+                t = gguf.GGMLQuantizationType(tid)
+            except ValueError:
+                raise GGUFError(f"tensor {name!r}: unknown ggml type id {tid} "
+                                f"(neither a ggml type nor an IQK type)") from None
             bs, ts = gguf.GGML_QUANT_SIZES[t]
             n = int(np.prod(dims))
             if n % bs:
                 raise GGUFError(f"tensor {name!r}: {n} elements is not a multiple of the "
                                 f"{t.name} block size {bs}")
             self._check_range(name, start_offs + int(offset_tensor[0]), n // bs * ts, file_size)
+            other.append(field)
         super()._build_tensors(start_offs, other)
         built = {t.name: t for t in self.tensors}
         for field in iqk:
