@@ -5,15 +5,22 @@ times of ``iqk_jax.cpu.runtime.matmul`` next to ``x @ W.T`` in float32 by XLA, a
 ratios (XLA time / llvm time, > 1 means faster than XLA f32). The weights are random packed
 bytes with valid scales (the kernels' speed does not depend on the values).
 
+Method: the two alternate in short blocks (3 XLA calls, 3 of ours, ...; the fastest call of
+each block counts) and each ratio is taken between neighbouring blocks, so slow drift in the
+machine's speed (a shared VM's neighbours) cancels; the table gives the median of the paired
+ratios and its spread (10th-90th percentile), beside the median block times. CPU seconds of this process are reported too: under contention wall time
+measures the scheduler, CPU time still measures the work.
+
 Usage::
 
     python experiments/bench_cpu.py [--types iq4_k,iq2_k] [--threads 2] [--reps 10]
-        [--skip-gemm] [--skip-gemv]
+        [--skip-gemm] [--skip-gemv] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -24,22 +31,33 @@ def _random_rows(desc, rows, n, rng):
     from iqk_jax import testing
     return testing.random_rows(desc, rows, n, seed=int(rng.integers(1 << 31)), scale=0.01)
 
-def _time(fn, reps):
-    """(median wall seconds, median process CPU seconds) of ``reps`` calls after warm-up.
 
-    CPU seconds (all threads of this process) are reported beside wall time because the
-    machine may be shared: under contention wall time mostly measures the scheduler, while
-    CPU time still measures the work each implementation does.
-    """
-    fn().block_until_ready()  # compile + warm up
+def _once(fn):
+    t, c = time.perf_counter(), time.process_time()
     fn().block_until_ready()
-    ts, cs = [], []
-    for _ in range(reps):
-        t, c = time.perf_counter(), time.process_time()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def _paired(base, ours, reps, block=3):
+    """Alternating blocks of timings of two callables; medians and paired-ratio percentiles.
+
+    Each rep times ``block`` consecutive calls of ``base`` and then of ``ours`` and keeps the
+    fastest call of each block: the first calls after a switch pay for the other kernel's
+    cache footprint and for XLA's worker threads still spinning after its call, which would
+    otherwise be charged to whichever side runs second.
+    """
+    for fn in (base, ours, base, ours):  # compile + warm up both
         fn().block_until_ready()
-        ts.append(time.perf_counter() - t)
-        cs.append(time.process_time() - c)
-    return float(np.median(ts)), float(np.median(cs))
+    rows = []
+    for _ in range(reps):
+        b = min((_once(base) for _ in range(block)), key=lambda r: r[0])
+        o = min((_once(ours) for _ in range(block)), key=lambda r: r[0])
+        rows.append(b + o)
+    a = np.asarray(rows)
+    wall, cpu = a[:, 0] / a[:, 2], a[:, 1] / a[:, 3]
+    return {"xla_ms": 1e3 * float(np.median(a[:, 0])), "ours_ms": 1e3 * float(np.median(a[:, 2])),
+            "ratio": float(np.median(wall)), "ratio_p10": float(np.percentile(wall, 10)),
+            "ratio_p90": float(np.percentile(wall, 90)), "cpu_ratio": float(np.median(cpu))}
 
 
 def main(argv=None):
@@ -51,6 +69,7 @@ def main(argv=None):
     ap.add_argument("--skip-gemv", action="store_true")
     ap.add_argument("--gemv-shape", default="32768x4096")
     ap.add_argument("--gemm-shape", default="4096x4096x512")
+    ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args(argv)
     # XLA's CPU thread pool follows the same budget as our kernels.
     os.environ["IQK_JAX_CPU_THREADS"] = str(args.threads)
@@ -63,22 +82,10 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     print(f"host: {os.cpu_count()} CPUs visible, threads={args.threads}, jax {jax.__version__}, "
           f"devices {jax.devices()}")
-
-    def xla_f32(rows, n, m):
-        w = jnp.asarray(rng.standard_normal((rows, n), dtype=np.float32))
-        x = jnp.asarray(rng.standard_normal((m, n), dtype=np.float32))
-        # dot_general contracting the last dims of both: XLA's fastest form of x @ W.T (a
-        # literal ``x @ w.T`` can make XLA materialise the transpose).
-        f = jax.jit(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))))
-        return _time(lambda: f(x, w), args.reps)
-
-    def ours(name, rows, n, m):
-        desc = iqk_jax.descriptor(name)
-        raw = jnp.asarray(_random_rows(desc, rows, n, rng))
-        x = jnp.asarray(rng.standard_normal((m, n), dtype=np.float32))
-        f = jax.jit(lambda x, raw: runtime.matmul(x, raw, desc, (rows, n)))
-        return _time(lambda: f(x, raw), args.reps)
-
+    # dot_general contracting the last dims of both: XLA's fastest form of x @ W.T (a literal
+    # ``x @ w.T`` can make XLA materialise the transpose).
+    xla = jax.jit(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))))
+    results = []
     for label, shape, skip in (("GEMV", args.gemv_shape, args.skip_gemv),
                                ("GEMM", args.gemm_shape, args.skip_gemm)):
         if skip:
@@ -86,17 +93,25 @@ def main(argv=None):
         dims = [int(v) for v in shape.split("x")]
         rows, n = dims[0], dims[1]
         m = dims[2] if len(dims) > 2 else 1
-        base, base_cpu = xla_f32(rows, n, m)
-        print(f"\n{label} W {rows}x{n}, x {m}x{n}: XLA f32 {base * 1e3:8.2f} ms wall, "
-              f"{base_cpu * 1e3:8.2f} ms CPU")
-        print(f"{'type':8s} {'llvm ms':>9s} {'x XLA f32':>10s} {'CPU ms':>9s} {'x XLA CPU':>10s}")
+        w = jnp.asarray(rng.standard_normal((rows, n), dtype=np.float32))
+        x = jnp.asarray(rng.standard_normal((m, n), dtype=np.float32))
+        print(f"\n{label} W {rows}x{n}, x {m}x{n} (ratio = XLA f32 time / llvm time, "
+              f"paired; p10-p90 spread)")
+        print(f"{'type':8s} {'XLA ms':>8s} {'llvm ms':>8s} {'ratio':>6s} {'p10':>5s} "
+              f"{'p90':>5s} {'CPU ratio':>9s}")
         for name in names:
-            t, c = ours(name, rows, n, m)
-            print(f"{name:8s} {t * 1e3:9.2f} {base / t:10.2f} {c * 1e3:9.2f} {base_cpu / c:10.2f}",
-                  flush=True)
-        again, again_cpu = xla_f32(rows, n, m)
-        print(f"XLA f32 again at the end: {again * 1e3:.2f} ms wall, {again_cpu * 1e3:.2f} ms CPU "
-              f"(drift check)")
+            desc = iqk_jax.descriptor(name)
+            raw = jnp.asarray(_random_rows(desc, rows, n, rng))
+            f = jax.jit(lambda x, raw, desc=desc: runtime.matmul(x, raw, desc, (rows, n)))
+            r = _paired(lambda: xla(x, w), lambda: f(x, raw), args.reps)
+            r.update(kernel=label.lower(), type=name, shape=[rows, n, m])
+            results.append(r)
+            print(f"{name:8s} {r['xla_ms']:8.2f} {r['ours_ms']:8.2f} {r['ratio']:6.2f} "
+                  f"{r['ratio_p10']:5.2f} {r['ratio_p90']:5.2f} {r['cpu_ratio']:9.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"threads": args.threads, "jax": jax.__version__, "results": results},
+                      fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,13 @@ dot product: ``pmaddubsw`` does 32 multiply-adds per instruction and the float w
 conversion per super-block. A float path needs a widening, an int->float conversion and an
 FMA per 8 weights after the same decode (by instruction count roughly 3x the arithmetic of the
 integer path; not built here). The cost is an activation rounding error, bounded below and
-checked by the tests. On AVX2 without VNNI the integer path peaks at the same multiply-adds
-per cycle as f32 FMA, so GEMM gains over XLA come from XLA running below peak, while GEMV
-gains because XLA's f32 GEMV is memory-bound at 4 bytes per weight and these kernels read
-0.25-0.85 bytes per weight.
+checked by the tests. On AVX2 without VNNI the ceiling of the integer path against f32 FMA is
+set by how many multiplies the core issues: ``experiments/cpu_throughput.py`` measures, on the
+Zen 3 CI machine, 2.0x FMA's multiply-adds per cycle for ``pmaddubsw + pmaddwd`` (the
+unsigned-activation path of iq2/iq3 grids) and 1.4x with the ``psignb`` that signed grids need
+(the three share two pipes); the gemm kernels reach 1.1-1.2x XLA f32, which runs near FMA peak.
+GEMV gains more because XLA's f32 GEMV is memory-bound at 4 bytes per weight and these kernels
+read 0.25-0.85 bytes per weight.
 
 Error bounds (``y`` = this module's matmul, ``W`` = :func:`iqk_jax.spec.dequantize` of the
 weights, float64 reference ``x @ W.T``):
