@@ -8,8 +8,9 @@ bytes with valid scales (the kernels' speed does not depend on the values).
 Method: the two alternate in short blocks (3 XLA calls, 3 of ours, ...; the fastest call of
 each block counts) and each ratio is taken between neighbouring blocks, so slow drift in the
 machine's speed (a shared VM's neighbours) cancels; the table gives the median of the paired
-ratios and its spread (10th-90th percentile), beside the median block times. CPU seconds of this process are reported too: under contention wall time
-measures the scheduler, CPU time still measures the work.
+ratios and its spread (10th-90th percentile), beside the median block times. CPU seconds of
+this process are reported too: under contention wall time measures the scheduler, CPU time
+still measures the work.
 
 Usage::
 
@@ -54,7 +55,8 @@ def _paired(base, ours, reps, block=3):
         o = min((_once(ours) for _ in range(block)), key=lambda r: r[0])
         rows.append(b + o)
     a = np.asarray(rows)
-    wall, cpu = a[:, 0] / a[:, 2], a[:, 1] / a[:, 3]
+    # process_time() ticks coarsely: a block too short to register CPU time counts as 1 ns.
+    wall, cpu = a[:, 0] / a[:, 2], a[:, 1] / np.maximum(a[:, 3], 1e-9)
     return {"xla_ms": 1e3 * float(np.median(a[:, 0])), "ours_ms": 1e3 * float(np.median(a[:, 2])),
             "ratio": float(np.median(wall)), "ratio_p10": float(np.percentile(wall, 10)),
             "ratio_p90": float(np.percentile(wall, 90)), "cpu_ratio": float(np.median(cpu))}
