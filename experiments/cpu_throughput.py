@@ -86,20 +86,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import llvmlite.binding as llvm
     from iqk_codegen import llvm as em
-    h = em.host()
+    from iqk_jax.cpu import runtime
+    h = em.host()  # also initializes LLVM's native target
     if not h.avx2:
         raise SystemExit(f"needs AVX2 (host {h.cpu} has no avx2)")
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
     per_product = {}
     keep = []
     for name, (ty, products, step) in _MIXES.items():
         mod = llvm.parse_assembly(_module(ty, step))
         mod.verify()
-        # The engine owns its target machine: one each (sharing one frees it twice at exit).
-        tm = llvm.Target.from_triple(h.triple).create_target_machine(
-            cpu=h.cpu, features=h.features, opt=3)
-        ee = llvm.create_mcjit_compiler(mod, tm)
+        # The kernels' own target machine settings; one per engine (the engine owns it, and
+        # sharing one frees it twice at exit).
+        ee = llvm.create_mcjit_compiler(mod, runtime._target_machine(h))
         ee.finalize_object()
         keep.append(ee)
         fn = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p)(
